@@ -335,43 +335,58 @@ def code_version() -> str:
         return "unknown"
 
 
-def export(config: TrainConfig, folds: list[int], summaries: list[dict], records: list[Record], oof: dict) -> Path:
-    """Write each fold's best weights in half precision (safetensors) and ``manifest.json``."""
+def write_weights(
+    target: Path, states: list[dict[str, torch.Tensor]], net_config: dict, manifest_fields: dict, fold_fields: list[dict]
+) -> Path:
+    """Write fold state dicts in half precision (safetensors) and a ``manifest.json`` that lists them.
+
+    ``manifest_fields`` must give at least ``views``, ``threshold`` and ``rule``; ``fold_fields`` adds
+    per-fold entries (best epoch, validation metrics) beside each file name and sha256.
+    """
     from safetensors.torch import save_file
 
-    target = Path(config.export)
+    target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    entries, net_config = [], None
-    for fold, summary in zip(folds, summaries):
-        state = torch.load(Path(config.out) / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)
-        net_config = state["net_config"]
-        tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state["model"].items()}
-        path = target / f"fold{fold}.safetensors"
+    entries = []
+    for fold, (state, extra) in enumerate(zip(states, fold_fields)):
+        tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        path = target / f"fold{extra.get('fold', fold)}.safetensors"
         save_file(tensors, path, metadata={"net_config": json.dumps(net_config)})
         path.chmod(0o644)  # the container runs as a non-root user
-        entries.append({"file": path.name, "sha256": sha256_file(path), **summary})
+        entries.append({"file": path.name, "sha256": sha256_file(path), **extra})
+
+    manifest = {"format_version": MANIFEST_VERSION, "net_config": net_config, **manifest_fields, "folds": entries}
+    temporary = target / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    temporary.chmod(0o644)
+    temporary.replace(target / MANIFEST)
+    return target / MANIFEST
+
+
+def export(config: TrainConfig, folds: list[int], summaries: list[dict], records: list[Record], oof: dict) -> Path:
+    """Export each fold's best epoch and the out-of-fold decision rule to ``config.export``."""
+    states, net_config = [], None
+    for fold in folds:
+        state = torch.load(Path(config.out) / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=True)
+        states.append(state["model"])
+        net_config = state["net_config"]
 
     names = hashlib.sha256("\n".join(r.name for r in records).encode()).hexdigest()
-    manifest = {
-        "format_version": MANIFEST_VERSION,
-        "net_config": net_config,
+    manifest_fields = {
         "views": config.views,
         "threshold": oof["threshold"],
         "rule": oof["rule"],
         "rule_note": oof["rule_note"],
-        "folds": entries,
         "out_of_fold": oof["metrics"],
         "training": {
             "data": config.data, "split": config.split, "patches": len(records),
             "atypical": sum(r.label for r in records), "normal": sum(1 - r.label for r in records),
-            "file_list_sha256": names, "epochs": config.epochs, "seed": config.seed, "loss": dataclasses.asdict(config.loss),
+            "file_list_sha256": names, "epochs": config.epochs, "seed": config.seed,
+            "loss": dataclasses.asdict(config.loss),
         },
         "code_version": code_version(),
     }
-    temporary = target / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(target / MANIFEST)
-    return target / MANIFEST
+    return write_weights(Path(config.export), states, net_config, manifest_fields, summaries)
 
 
 def run(config: TrainConfig) -> dict:
