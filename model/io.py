@@ -9,6 +9,7 @@ page arrays. Every failure raises :class:`StackError` with a one-line message na
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,18 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
         image = Image.open(path)
     except UnidentifiedImageError:
         raise StackError(f"{path}: not a readable TIFF image") from None
-    except OSError as error:
-        raise StackError(f"{path}: cannot open ({error})") from None
+    except Image.DecompressionBombError:
+        raise StackError(f"{path}: page 0 declares more pixels than the limit of {MAX_PAGE_PIXELS:,}") from None
+    except (OSError, TypeError, ValueError, KeyError, SyntaxError, struct.error) as error:
+        # Pillow raises several types for malformed TIFF headers, e.g. TypeError("Missing dimensions").
+        raise StackError(f"{path}: invalid TIFF ({error})") from None
 
     pages = []
     with image:
-        count = getattr(image, "n_frames", 1)
+        try:
+            count = getattr(image, "n_frames", 1)  # walks every page header
+        except (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, struct.error) as error:
+            raise StackError(f"{path}: invalid TIFF page header ({error})") from None
         if count > MAX_PAGES:
             raise StackError(f"{path}: {count} pages, more than the limit of {MAX_PAGES}")
         for index in range(count):
@@ -119,7 +126,7 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
                     pages.append(to_rgb(np.asarray(image)))
             except StackError:
                 raise
-            except (OSError, ValueError, SyntaxError, EOFError) as error:
+            except (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, struct.error) as error:
                 raise StackError(f"{path}: page {index} cannot be decoded ({error})") from None
     return pages
 
@@ -133,6 +140,8 @@ def _read_sitk(path: Path) -> list[np.ndarray]:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if path.suffix.lower() == ".mha":
+        reader.SetImageIO("MetaImageIO")  # ITK picks the reader by suffix, and matches ".mha" in lower case only
     try:
         reader.ReadImageInformation()
     except RuntimeError:

@@ -409,15 +409,14 @@ def run(config: TrainConfig) -> dict:
         handle.write("patch,label,slide,fold\n")
         handle.writelines(f"{r.name},{r.label},{r.slide},{a}\n" for r, a in zip(records, assignment))
 
-    folds = config.only_folds or list(range(config.folds))
+    folds = sorted(config.only_folds) or list(range(config.folds))
     summaries = [train_fold(config, f, records, images, targets, assignment, subtypes, device) for f in folds]
-    if not all((out / f"fold{f}" / "best.pt").is_file() for f in range(config.folds)):
-        logger.info("folds %s finished; run the remaining folds to get the out-of-fold rule and export", folds)
-        return {"folds": summaries}
 
-    all_folds = list(range(config.folds))
-    summaries = [json.loads((out / f"fold{f}" / "done.json").read_text()) for f in all_folds]
-    probabilities, labels = out_of_fold(config, records, all_folds)
+    # The decision rule and the export cover the folds of this run: all of them, or --only-folds.
+    # Patches validated by other folds are left out of the out-of-fold set.
+    validated = [r for r, a in zip(records, assignment) if a in folds]
+    validated_folds = np.array([a for a in assignment if a in folds])
+    probabilities, labels = out_of_fold(config, validated, folds)
     threshold = best_threshold(labels, probabilities)
     oof = {
         "threshold": threshold,
@@ -433,11 +432,11 @@ def run(config: TrainConfig) -> dict:
     }
     with (out / "oof.csv").open("w", encoding="utf-8") as handle:
         handle.write("patch,label,p_atypical,fold\n")
-        handle.writelines(f"{r.name},{l},{p:.6f},{a}\n" for r, l, p, a in zip(records, labels, probabilities, assignment))
+        handle.writelines(f"{r.name},{l},{p:.6f},{a}\n" for r, l, p, a in zip(validated, labels, probabilities, validated_folds))
     (out / "oof.json").write_text(json.dumps(oof, indent=2), encoding="utf-8")
     logger.info("out-of-fold: threshold %.4f, %s", threshold, oof["metrics"])
     if config.export:
-        logger.info("exported %s", export(config, all_folds, summaries, records, oof))
+        logger.info("exported %s", export(config, folds, summaries, records, oof))
     return {"folds": summaries, "oof": oof}
 
 
