@@ -45,10 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_writable(folder: Path) -> None:
+    """Create the output folder if needed and check that a file can be written there, before any work."""
     from model.io import StackError
 
-    if not folder.is_dir():
-        raise StackError(f"{folder}: output folder not found")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StackError(f"{folder}: cannot create the output folder ({error.strerror})") from None
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass

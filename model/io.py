@@ -18,8 +18,8 @@ SOCKET = "stacked-histopathology-roi-cropouts"
 OUTPUT_FILE = "multiple-mitotic-figure-classification.json"
 STACK_SUFFIXES = (".tif", ".tiff", ".mha")
 
-# A 128x128 patch is 16,384 pixels. A page that declares more than this is rejected before its
-# pixels are decoded, so a hostile or broken header cannot make the process allocate gigabytes.
+# A 128x128 patch has 16,384 pixels; the limit is 1,024 times that. A page that declares more pixels is
+# rejected before it is decoded, so a broken or hostile header cannot make the process allocate gigabytes.
 MAX_PAGE_PIXELS = 4096 * 4096
 MAX_PAGES = 4096
 
@@ -29,7 +29,7 @@ class StackError(Exception):
 
 
 def socket_folder(input_dir: Path) -> Path:
-    """Return the folder that holds the stack, checking ``inputs.json`` when there is one.
+    """Return the folder that contains the stack, checking ``inputs.json`` when there is one.
 
     ``inputs.json`` entries name their socket under ``interface`` or ``socket`` (Grand Challenge has
     written both); entries for other sockets are ignored. Without ``inputs.json`` the socket's folder

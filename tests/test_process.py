@@ -122,10 +122,18 @@ def test_unwritable_output_fails_cleanly(tmp_path, tiny_weights, capsys, monkeyp
     assert_clean_failure(code, tmp_path / "out", capsys, "not writable")
 
 
-def test_output_folder_missing_fails_cleanly(tmp_path, tiny_weights, capsys):
-    code = process.main(["--input", str(make_input(tmp_path / "in")), "--output", str(tmp_path / "nowhere"),
+def test_missing_output_folder_created(tmp_path, tiny_weights):
+    code = process.main(["--input", str(make_input(tmp_path / "in")), "--output", str(tmp_path / "new" / "out"),
                          "--weights", str(tiny_weights)])
-    assert_clean_failure(code, tmp_path / "nowhere", capsys, "output folder not found")
+    assert code == 0
+    assert len(read_output(tmp_path / "new" / "out")) == 4
+
+
+def test_output_path_is_file_fails_cleanly(tmp_path, tiny_weights, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code = process.main(["--input", str(make_input(tmp_path / "in")), "--output", str(tmp_path / "taken"),
+                         "--weights", str(tiny_weights)])
+    assert_clean_failure(code, tmp_path / "taken", capsys, "cannot create the output folder")
 
 
 def test_failed_run_keeps_no_partial_output(tmp_path, tiny_weights, monkeypatch, capsys):
