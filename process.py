@@ -5,7 +5,8 @@
 Reads the one stack on the socket ``stacked-histopathology-roi-cropouts`` under ``--input`` (default
 ``/input``), scores every page with the fold ensemble and writes
 ``multiple-mitotic-figure-classification.json`` to ``--output`` (default ``/output``): one
-``{"class": "normal"|"atypical", "confidence": P(atypical)}`` per page, in page order.
+``{"class": "normal"|"atypical", "confidence": float}`` per page, in page order. The confidence is
+the probability of the written class (``--confidence atypical`` writes P(atypical) instead).
 
 On any failure it prints one line on stderr naming the problem and the file, writes nothing and exits 1.
 Logs go to stderr.
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=None,
                         help="folder with manifest.json and fold files (default: /opt/ml/model if it has a manifest, else weights/ beside this file)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the network")
+    parser.add_argument("--confidence", choices=("predicted-class", "atypical"), default="predicted-class",
+                        help="what 'confidence' holds: the probability of the written class, as the official "
+                        "evaluator reads it, or P(atypical) on every page")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of a failure")
     return parser.parse_args(argv)
 
@@ -59,14 +63,22 @@ def check_writable(folder: Path) -> None:
         raise StackError(f"{folder}: output folder is not writable ({error.strerror})") from None
 
 
-def build_result(p_atypical, classes) -> list[dict]:
-    """Pair each page's class with its P(atypical), checking that every confidence is a finite float in [0, 1]."""
+def build_result(p_atypical, classes, confidence: str = "predicted-class") -> list[dict]:
+    """Pair each page's class with its confidence, checking that every confidence is a finite float in [0, 1].
+
+    With ``predicted-class`` the confidence is the probability of the class written beside it:
+    P(atypical) for an atypical page, 1 - P(atypical) for a normal one. The official MIDOG 2025 track-2
+    evaluator reads it that way, recovering P(atypical) as ``confidence`` or ``1 - confidence`` by class
+    before it computes AUROC. With ``atypical`` the confidence is P(atypical) on every page.
+    """
     result = []
     for index, (probability, name) in enumerate(zip(p_atypical, classes)):
-        confidence = float(probability)
-        if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0) or name not in ("normal", "atypical"):
-            raise ValueError(f"page {index}: invalid prediction class={name!r} confidence={confidence!r}")
-        result.append({"class": name, "confidence": confidence})
+        value = float(probability)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0) or name not in ("normal", "atypical"):
+            raise ValueError(f"page {index}: invalid prediction class={name!r} P(atypical)={value!r}")
+        if confidence == "predicted-class" and name == "normal":
+            value = 1.0 - value
+        result.append({"class": name, "confidence": value})
     return result
 
 
@@ -108,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     prediction = predictor.predict(pages)
-    result = build_result(prediction.p_atypical, prediction.classes)
+    result = build_result(prediction.p_atypical, prediction.classes, args.confidence)
     if len(result) != len(pages):
         raise ValueError(f"{len(result)} predictions for {len(pages)} pages")
 

@@ -48,11 +48,33 @@ def test_output_contract(tmp_path, tiny_weights):
         assert 0.0 <= entry["confidence"] <= 1.0
 
 
+def p_atypical_as_evaluator_reads(entry: dict) -> float:
+    """Recover P(atypical) the way the official track-2 evaluator does."""
+    return entry["confidence"] if entry["class"] == "atypical" else 1.0 - entry["confidence"]
+
+
 def test_class_follows_threshold(tmp_path, tiny_weights):
     threshold = json.loads((tiny_weights / "manifest.json").read_text())["threshold"]
     run_main(make_input(tmp_path / "in", count=8), tmp_path / "out", tiny_weights)
     for entry in read_output(tmp_path / "out"):
-        assert (entry["class"] == "atypical") == (entry["confidence"] >= threshold)
+        assert (entry["class"] == "atypical") == (p_atypical_as_evaluator_reads(entry) >= threshold)
+
+
+def test_confidence_modes_agree(tmp_path, tiny_weights):
+    input_dir = make_input(tmp_path / "in", count=8)
+    run_main(input_dir, tmp_path / "class", tiny_weights)
+    run_main(input_dir, tmp_path / "atypical", tiny_weights, "--confidence", "atypical")
+    by_class = read_output(tmp_path / "class")
+    by_atypical = read_output(tmp_path / "atypical")
+    assert [e["class"] for e in by_class] == [e["class"] for e in by_atypical]
+    for entry, reference in zip(by_class, by_atypical):
+        assert abs(p_atypical_as_evaluator_reads(entry) - reference["confidence"]) < 1e-12
+
+
+def test_normal_confidence_is_complement():
+    result = process.build_result([0.2, 0.7], ["normal", "atypical"])
+    assert result[0]["confidence"] == pytest.approx(0.8)
+    assert result[1]["confidence"] == pytest.approx(0.7)
 
 
 def test_real_sample_stack(tmp_path, tiny_weights):
