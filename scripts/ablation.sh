@@ -4,7 +4,7 @@
 # AtNorM-Br through model.evaluate.
 #
 #   EPOCHS=4 bash scripts/ablation.sh            # results in runs/ablation/<arm>/
-#   .venv/bin/python scripts/ablation_table.py runs/ablation
+#   .venv/bin/python scripts/report_table.py full=runs/ablation/full single-task=runs/ablation/single ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
