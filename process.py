@@ -1,6 +1,7 @@
 """Grand Challenge entry point for MIDOG 2025 track 2: atypical vs normal mitotic figure classification.
 
     python process.py [--input DIR] [--output DIR] [--weights DIR] [--device auto|cpu|cuda]
+                      [--confidence predicted-class|atypical]
 
 Reads the one stack on the socket ``stacked-histopathology-roi-cropouts`` under ``--input`` (default
 ``/input``), scores every page with the fold ensemble and writes
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder with manifest.json and fold files (default: /opt/ml/model if it has a manifest, else weights/ beside this file)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the network")
     parser.add_argument("--confidence", choices=("predicted-class", "atypical"), default="predicted-class",
-                        help="what 'confidence' holds: the probability of the written class, as the official "
+                        help="what 'confidence' contains: the probability of the written class, as the official "
                         "evaluator reads it, or P(atypical) on every page")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of a failure")
     return parser.parse_args(argv)

@@ -11,9 +11,12 @@ Specs:
   ``filename``; ``Tumor``, ``Scanner``, ``Species`` are domains).
 
 The audit hashes every file and applies a fixed policy, reported through the logger:
-unreadable files are dropped; byte-identical copies with one label keep the first copy by name; copies
-with conflicting labels are all dropped; pages that are not 128x128 RGB are converted and fitted like
-the container's input (:func:`model.io.fit_page`).
+
+* unreadable files are dropped;
+* of byte-identical copies with one label, the first by name is kept;
+* byte-identical copies with conflicting labels are all dropped;
+* pages that are not 128x128 RGB are converted and fitted like the container's input
+  (:func:`model.io.fit_page`).
 """
 
 from __future__ import annotations

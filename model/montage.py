@@ -5,7 +5,7 @@
 
 Each patch becomes three tiles: the patch with the figure mask outlined in green and the other nuclei
 in yellow (a red outline marks a fallback disc), then the horizontal and vertical HV maps (blue -1,
-white 0, red +1). With ``--augment`` the patches, masks and HV maps are those the training loop sees.
+white 0, red +1). With ``--augment`` the patches, masks and HV maps are augmented as in training.
 """
 
 from __future__ import annotations

@@ -125,7 +125,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"(default: {default})")
         elif isinstance(default, list):
-            kind = type(default[0]) if default else (int if "folds" in dotted else str)
+            if default:
+                kind = type(default[0])
+            else:
+                kind = int if "folds" in dotted else str
             parser.add_argument(flag, dest=dotted, nargs="*", type=kind, default=argparse.SUPPRESS,
                                 help=f"(default: {' '.join(map(str, default)) or 'none'})")
         else:
@@ -393,7 +396,7 @@ def run(config: TrainConfig) -> dict:
     """Train every requested fold, then, once all folds exist, choose the decision rule and export."""
     out = Path(config.out)
     if out.exists() and (out / "config.yaml").exists() and not config.resume:
-        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
+        raise SystemExit(f"error: {out} already contains a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
     device = select_device(config.device)
@@ -420,8 +423,8 @@ def run(config: TrainConfig) -> dict:
     threshold = best_threshold(labels, probabilities)
     oof = {
         "threshold": threshold,
-        # Out-of-fold, each patch is scored by exactly one fold, so a per-fold majority vote and the
-        # mean cannot be told apart on these data; the mean is kept, and model.evaluate compares both.
+        # Out-of-fold, each patch is scored by exactly one fold, so a majority vote of folds and the
+        # mean give the same classes on these data. The mean is kept, and model.evaluate compares both.
         "rule": "mean",
         "rule_note": "out-of-fold patches are scored by one fold each, so vote and mean coincide there; mean kept",
         "metrics": {
