@@ -175,9 +175,23 @@ def test_nan_confidence_rejected():
         process.build_result([float("nan")], ["normal"])
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def nobody_can_run_process() -> bool:
+    """Return True when user nobody can start this interpreter and read process.py."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = f"open({str(ROOT / 'process.py')!r}).close()"
+    return subprocess.run([*NOBODY, sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
 def test_subprocess_without_home_as_user(tiny_weights):
-    """Run as a separate process with HOME unset and, when the tests run as root, as user nobody."""
-    as_nobody = os.geteuid() == 0 and shutil.which("setpriv") is not None
+    """Run as a separate process with HOME unset and, when the tests run as root, as user nobody.
+
+    A checkout that user nobody cannot reach (inside a private folder) runs the process as root.
+    """
+    as_nobody = nobody_can_run_process()
     base = Path(tempfile.mkdtemp(prefix="process-user-"))  # outside pytest's private (0700) folder
     try:
         base.chmod(0o755)
@@ -194,7 +208,7 @@ def test_subprocess_without_home_as_user(tiny_weights):
         command = [sys.executable, str(ROOT / "process.py"), "--input", str(input_dir), "--output", str(output_dir),
                    "--weights", str(weights), "--device", "cpu"]
         if as_nobody:
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+            command = [*NOBODY, *command]
         completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
         assert completed.returncode == 0, completed.stderr[-2000:]
