@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 @dataclass
 class LossWeights:
+    classification: str = "bce"  # "bce", or "focal" (Lin et al., ICCV 2017) with focal_gamma
+    focal_gamma: float = 2.0
     figure_mask: float = 1.0  # BCE + Dice on the figure mask
     hv: float = 1.0  # MSE on the HV maps
     nuclei: float = 0.5  # BCE on the all-nuclei mask
@@ -43,9 +45,16 @@ def multitask_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the total loss and each term's value (before weighting) for logging."""
     label = batch["label"]
-    classification = F.binary_cross_entropy_with_logits(
-        outputs["logits"].float(), label, pos_weight=torch.tensor(pos_weight, device=label.device)
+    logits = outputs["logits"].float()
+    per_patch = F.binary_cross_entropy_with_logits(
+        logits, label, pos_weight=torch.tensor(pos_weight, device=label.device), reduction="none"
     )
+    if weights.classification == "focal":
+        p_true = torch.where(label > 0.5, torch.sigmoid(logits), 1.0 - torch.sigmoid(logits))
+        per_patch = per_patch * (1.0 - p_true) ** weights.focal_gamma
+    elif weights.classification != "bce":
+        raise ValueError(f"invalid classification loss '{weights.classification}': expected bce or focal")
+    classification = per_patch.mean()
     total = classification
     terms = {"classification": classification.detach()}
 

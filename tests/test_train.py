@@ -132,3 +132,23 @@ def test_best_threshold_separates():
     probabilities = np.array([0.1, 0.2, 0.3, 0.35, 0.9])
     threshold = train.best_threshold(labels, probabilities)
     assert 0.3 < threshold <= 0.35
+
+
+def test_focal_loss_downweights_easy_patches():
+    batch = {"label": torch.tensor([1.0, 0.0]), "target_fallback": torch.tensor([False, False]),
+             "agreement": torch.tensor([float("nan")] * 2), "subtype": torch.tensor([-1, -1])}
+    outputs = {"logits": torch.tensor([4.0, -4.0]), "dense_logits": torch.zeros(2, 4, 8, 8),
+               "agreement_logits": torch.zeros(2), "subtype_logits": torch.zeros(2, 1)}
+    off = {"figure_mask": 0, "hv": 0, "nuclei": 0, "agreement": 0, "subtype": 0}
+    bce, _ = multitask_loss(outputs, batch, LossWeights(**off))
+    focal, _ = multitask_loss(outputs, batch, LossWeights(classification="focal", **off))
+    assert focal < bce * 0.01
+
+
+def test_unknown_classification_loss_rejected():
+    batch = {"label": torch.tensor([1.0]), "target_fallback": torch.tensor([False]),
+             "agreement": torch.tensor([float("nan")]), "subtype": torch.tensor([-1])}
+    outputs = {"logits": torch.tensor([0.0]), "dense_logits": torch.zeros(1, 4, 8, 8),
+               "agreement_logits": torch.zeros(1), "subtype_logits": torch.zeros(1, 1)}
+    with pytest.raises(ValueError, match="invalid classification loss"):
+        multitask_loss(outputs, batch, LossWeights(classification="hinge"))
