@@ -59,6 +59,24 @@ def _entry_slug(entry: object) -> str | None:
     return None
 
 
+def case_inputs(image_name: str) -> list[dict]:
+    """Return ``inputs.json`` for one case, in the form Grand Challenge writes for this socket."""
+    return [
+        {
+            "file": None,
+            "image": {"name": image_name},
+            "value": None,
+            "interface": {
+                "slug": SOCKET,
+                "kind": "Image",
+                "super_kind": "Image",
+                "relative_path": f"images/{SOCKET}",
+                "example_value": None,
+            },
+        }
+    ]
+
+
 def find_stack(input_dir: Path) -> Path:
     """Return the one stack file (``.tif``, ``.tiff`` or ``.mha``, any letter case) of the socket."""
     folder = socket_folder(Path(input_dir))

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from model.data import CLASS_NAMES, DataError, Record, audit, load_records
-from model.io import SOCKET, StackError, read_stack
+from model.io import SOCKET, StackError, case_inputs, read_stack
 
 logger = logging.getLogger("model.stacks")
 
@@ -89,24 +89,6 @@ def write_stack(path: Path, pages: list[np.ndarray], pixel_size_um: float = DEFA
         x_resolution=pixels_per_cm,
         y_resolution=pixels_per_cm,
     )
-
-
-def case_inputs(image_name: str) -> list[dict]:
-    """Return ``inputs.json`` for one case, in the form Grand Challenge writes for this socket."""
-    return [
-        {
-            "file": None,
-            "image": {"name": image_name},
-            "value": None,
-            "interface": {
-                "slug": SOCKET,
-                "kind": "Image",
-                "super_kind": "Image",
-                "relative_path": f"images/{SOCKET}",
-                "example_value": None,
-            },
-        }
-    ]
 
 
 def pack(

@@ -2,7 +2,7 @@
 
     python scripts/report_table.py "full=runs/ablation/full" "single-task=runs/ablation/single"
 
-Each argument is LABEL=RUN, where RUN holds ``amibr-test/metrics.json`` and ``atnorm-br/metrics.json``
+Each argument is LABEL=RUN, where RUN contains ``amibr-test/metrics.json`` and ``atnorm-br/metrics.json``
 (written by ``scripts/ablation.sh`` or by hand with ``python -m model.evaluate``) and, when present,
 ``oof.json`` from training. ``--variants`` adds rows for the other decision rule and each single fold.
 """

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SOCKET = "stacked-histopathology-roi-cropouts"
+sys.path.insert(0, str(ROOT))
+from model.io import SOCKET, case_inputs  # noqa: E402 - needs the checkout on sys.path first
 OUTPUT_FILE = "multiple-mitotic-figure-classification.json"
 STACK_NAME = "stack.tiff"
 
@@ -109,19 +110,7 @@ def write_input(input_dir: Path, pages: list[np.ndarray]) -> Path:
     stack_path = stack_dir / STACK_NAME
     images[0].save(stack_path, save_all=True, append_images=images[1:], compression="tiff_adobe_deflate", dpi=(DPI, DPI))
 
-    entry = {
-        "file": None,
-        "image": {"name": STACK_NAME},
-        "value": None,
-        "interface": {
-            "slug": SOCKET,
-            "kind": "Image",
-            "super_kind": "Image",
-            "relative_path": f"images/{SOCKET}",
-            "example_value": None,
-        },
-    }
-    (input_dir / "inputs.json").write_text(json.dumps([entry], indent=4) + "\n", encoding="utf-8")
+    (input_dir / "inputs.json").write_text(json.dumps(case_inputs(STACK_NAME), indent=4) + "\n", encoding="utf-8")
     return stack_path
 
 

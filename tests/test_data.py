@@ -99,7 +99,8 @@ def test_audit_duplicates_and_conflicts(tmp_path):
     assert len(report.duplicate_copies) == 1
     assert len(report.conflicting) == 2
     assert len(report.unreadable) == 1
-    assert "Normal/1.png" not in names and "Atypical/conflict.png" not in names
+    assert "Normal/1.png" not in names
+    assert "Atypical/conflict.png" not in names
     assert ("Normal/0.png" in names) != ("Normal/copy.png" in names)
     assert set(images) == set(names)
 

@@ -28,7 +28,9 @@ def test_figure_mask_covers_centre_blob_only():
 
 def test_nuclei_mask_covers_every_blob():
     nuclei = make_targets(drawn_patch())["nuclei"].astype(bool)
-    assert nuclei[64, 64] and nuclei[12, 14] and nuclei[110, 100]
+    assert nuclei[64, 64]
+    assert nuclei[12, 14]
+    assert nuclei[110, 100]
     assert not nuclei[64, 5]
 
 
@@ -36,7 +38,8 @@ def test_hv_maps_zero_outside_and_bounded():
     mask = make_targets(drawn_patch())["figure_mask"].astype(bool)
     maps = hv_maps(mask)
     assert np.all(maps[:, ~mask] == 0)
-    assert maps.min() >= -1 and maps.max() <= 1
+    assert maps.min() >= -1
+    assert maps.max() <= 1
     assert np.isclose(np.abs(maps[0]).max(), 1.0)
 
 
